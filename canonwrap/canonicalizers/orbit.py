@@ -1,0 +1,79 @@
+"""Model-agnostic orbit canonicalizer (Panigrahi & Mondal, 2024).
+
+Any non-equivariant encoder phi scores every element of the input's orbit:
+``s_g = w . phi(g^-1 . x) + b``. Because the orbit of ``g' . x`` is the orbit of ``x`` permuted,
+the scores permute with the input and the argmax is equivariant by construction (exact for 90-degree
+rotations and flips; approximate for 45-degree elements, which interpolate).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..groups import Group, GroupWarp
+from .base import Canonicalizer, ScoreOutput, register_canonicalizer
+from .nets import SmallCNN, TimmEncoder, infer_num_features
+
+
+@register_canonicalizer("orbit")
+class OrbitCanonicalizer(Canonicalizer):
+    """Orbit canonicalizer.
+
+    Args:
+        group: group name or :class:`Group`.
+        in_chans: input channels.
+        size: side of the (square, downscaled) input the scorer sees.
+        network: ``None`` (built-in :class:`SmallCNN`), a timm model name, or an ``nn.Module``
+            mapping (N, C, size, size) -> (N, D).
+        width, embed_dim: built-in CNN width / embedding size.
+    Shapes: x (B, C, size, size) -> scores (B, G), embeddings (B, G, D).
+    """
+
+    def __init__(
+        self,
+        group: "str | Group",
+        in_chans: int,
+        size: int,
+        network: "Optional[str | nn.Module]" = None,
+        width: int = 16,
+        embed_dim: int = 128,
+    ) -> None:
+        super().__init__(group, in_chans, size)
+        if network is None:
+            self.encoder: nn.Module = SmallCNN(in_chans, width, embed_dim)
+        elif isinstance(network, str):
+            self.encoder = TimmEncoder(network.removeprefix("timm:"), in_chans)
+        elif isinstance(network, nn.Module):
+            self.encoder = network
+        else:
+            raise TypeError(f"network must be None, a timm model name or an nn.Module; got {type(network).__name__}")
+        dim = infer_num_features(self.encoder, in_chans, size)
+        self.score = nn.Linear(dim, 1)
+        self.orbit_warp = GroupWarp(self.group, size, size, inverse=True)  # entry g = g^-1 . x
+        self.config = {
+            "network": network if isinstance(network, str) or network is None else type(network).__qualname__,
+            "width": width,
+            "embed_dim": embed_dim,
+        }
+
+    def forward(self, x: Tensor) -> ScoreOutput:
+        b, c, h, w = x.shape
+        orbit = self.orbit_warp.orbit(x)  # (B, G, C, h, w)
+        g = orbit.shape[1]
+        emb = self.encoder(orbit.reshape(b * g, c, h, w))  # (B*G, D)
+        scores = self.score(emb).reshape(b, g)  # (B, G)
+        return ScoreOutput(scores=scores, embeddings=emb.reshape(b, g, -1))
+
+
+def orbit_contrastive_loss(embeddings: Tensor) -> Tensor:
+    """Mean |cos(phi(g x), phi(g' x))| over pairs g != g' (pushes orbit embeddings apart).
+
+    embeddings (B, G, D) -> scalar.
+    """
+    z = torch.nn.functional.normalize(embeddings, dim=-1)  # (B, G, D)
+    sim = z @ z.transpose(1, 2)  # (B, G, G)
+    g = sim.shape[-1]
+    off = ~torch.eye(g, dtype=torch.bool, device=sim.device)
+    return sim[:, off].abs().mean()

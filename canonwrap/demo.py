@@ -78,6 +78,11 @@ def pretrained_digit_classifier(progress: bool = True, retrain: bool = False, ep
     return model
 
 
+# The demo's canonicalizer recipe (also used by the benchmarks, so every comparison uses it).
+DEMO_WRAP_KWARGS: Dict[str, Any] = {"group": "c8", "canonicalizer": "orbit"}
+DEMO_FIT_KWARGS: Dict[str, Any] = {"epochs": 8, "batch_size": 64, "lr": 1e-3, "augment": "group", "task_weight": 0.0}
+
+
 @dataclass
 class DemoResult:
     report: Dict[str, Any]

@@ -30,6 +30,10 @@ _EXPORTS = {
     "create_backbone": "canonwrap.backbones",
     "list_backbone_sources": "canonwrap.backbones",
     "load_digits": "canonwrap.data",
+    "create_optimizer": "canonwrap.optim",
+    "list_optimizers": "canonwrap.optim",
+    "create_attack": "canonwrap.attacks",
+    "list_attacks": "canonwrap.attacks",
     "export_onnx": "converters.onnx_export",
     "verify_onnx": "converters.verify",
 }

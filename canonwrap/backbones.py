@@ -266,6 +266,9 @@ def from_module(
         num_features=int(getattr(module, "num_features", 0) or 0),
     )
     cfg = _resolve_cfg(cfg, {})
+    builtin = getattr(module, "builtin_spec", None)  # built-in architectures can be rebuilt by name
+    if spec is None and builtin is not None:
+        spec = {"source": "canonwrap", **builtin}
     return ModuleBackbone(module, cfg, spec or {"source": "module", "class": type(module).__qualname__})
 
 

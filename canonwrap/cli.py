@@ -98,16 +98,6 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def _load_ckpt(path: str, device: str) -> Any:
     import canonwrap as cw
 
-    if Path(path, "config.json").exists():
-        import json as _json
-
-        cfg = _json.loads(Path(path, "config.json").read_text())
-        if cfg.get("backbone", {}).get("source") == "module":
-            from .demo import pretrained_digit_classifier
-
-            if cfg["backbone"].get("class") != "DigitNet":
-                raise SystemExit(f"{path} wraps a plain nn.Module ({cfg['backbone'].get('class')}); load it from Python with cw.load(path, backbone=...)")
-            return cw.load(path, backbone=pretrained_digit_classifier(progress=False)).to(device)
     return cw.load(path).to(device)
 
 

@@ -27,6 +27,7 @@ class FitConfig:
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adamw"
+    rho: Optional[float] = None
     weight_decay: float = 1e-4
     prior_weight: float = 1.0
     task_weight: Optional[float] = None
@@ -69,17 +70,9 @@ def _augment(model: CanonicalizedModel, x: Tensor, mode: str, gen: torch.Generat
 
 
 def _make_optimizer(name: str, params: List[torch.nn.Parameter], lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
-    try:
-        from .optim import create_optimizer
-    except ImportError:  # optimizers module not installed in this build
-        create_optimizer = None
-    if create_optimizer is not None:
-        return create_optimizer(name, params, lr=lr, weight_decay=weight_decay, **kw)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=kw.pop("momentum", 0.9), **kw)
-    raise KeyError(f"unknown optimizer {name!r}; expected one of ['adamw', 'sgd']")
+    from .optim import create_optimizer
+
+    return create_optimizer(name, params, lr=lr, weight_decay=weight_decay, **kw)
 
 
 def fit(
@@ -111,8 +104,9 @@ def fit(
             task loss through the frozen model via the straight-through argmax;
             ``model_prior_weight`` / ``model_prior_temperature`` the model-driven prior;
             ``contrastive_weight`` the orbit-contrastive loss (orbit canonicalizer only);
-            ``optimizer`` ("adamw", "sgd", or any name of :func:`canonwrap.list_optimizers`),
-            ``weight_decay``, ``optimizer_kwargs``, ``train_head``, ``seed``.
+            ``optimizer`` ("adamw", "sgd", "sam", "asam", "samar", ... see
+            :func:`canonwrap.list_optimizers`), ``rho`` (SAM family), ``weight_decay``,
+            ``optimizer_kwargs``, ``train_head``, ``seed``.
 
     Returns:
         History with one dict per epoch: losses, ``orientation_acc`` (the canonicalizer picked the
@@ -142,7 +136,12 @@ def fit(
     if model.head is not None and cfg.train_head:
         params += list(model.head.parameters())
     params = [p for p in params if p.requires_grad]
-    opt = _make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, **cfg.optimizer_kwargs)
+    opt_kwargs = dict(cfg.optimizer_kwargs)
+    if cfg.rho is not None:
+        opt_kwargs["rho"] = cfg.rho
+    if cfg.optimizer.lower() in ("sam", "asam", "samar"):
+        opt_kwargs.setdefault("model", model)  # BatchNorm statistics updated by the first pass only
+    opt = _make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, **opt_kwargs)
     steps_total = cfg.epochs * max(len(loader), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps_total) / steps_total)))
     sam_like = hasattr(opt, "first_step")
@@ -192,7 +191,7 @@ def fit(
                 loss = sum(terms.values())
                 loss.backward()
                 if "terms" not in stats:  # record the first pass (at w, not at w + eps)
-                    stats["terms"] = {k: float(v) for k, v in terms.items()}
+                    stats["terms"] = {k: float(v.detach()) for k, v in terms.items()}
                     stats["orient"] = float((out.index == g).sum())
                 return loss
 

@@ -41,7 +41,7 @@ def check_pixels(x: Tensor, input_size: Sequence[int], tol: float = 1e-4) -> Non
         )
     if _exporting() or x.numel() == 0:
         return
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < -tol or hi > 1 + tol or lo != lo or hi != hi:
         hint = " (0-255 pixels? divide by 255)" if hi > 1.5 else ""
         raise ValueError(f"expected pixel values in [0, 1]; got min {lo:.4g}, max {hi:.4g}{hint}")

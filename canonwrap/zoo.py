@@ -14,6 +14,8 @@ class DigitNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, img_size: int = 32) -> None:
         super().__init__()
+        # lets checkpoints of a wrapped DigitNet rebuild it by name ("canonwrap:digitnet")
+        self.builtin_spec = {"name": "digitnet", "kwargs": dict(num_classes=num_classes, in_chans=in_chans, width=width, img_size=img_size)}
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(

@@ -40,11 +40,19 @@ def _dedupe_shared(state: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load(path: "str | Path", backbone: Optional[nn.Module] = None, map_location: str = "cpu") -> CanonicalizedModel:
+def load(
+    path: "str | Path",
+    backbone: Optional[nn.Module] = None,
+    map_location: str = "cpu",
+    group: Optional[str] = None,
+    canonicalizer: Optional[str] = None,
+) -> CanonicalizedModel:
     """Load a model saved with :meth:`CanonicalizedModel.save`.
 
     ``backbone`` is required when the model wrapped a plain ``nn.Module`` (its architecture cannot
-    be rebuilt from the config); it must match the saved architecture.
+    be rebuilt from the config); it must match the saved architecture. ``group`` /
+    ``canonicalizer``, when given, are checked against the checkpoint (a clear error on mismatch
+    instead of a model that is invariant to the wrong group).
     """
     from safetensors.torch import load_file
 
@@ -53,6 +61,9 @@ def load(path: "str | Path", backbone: Optional[nn.Module] = None, map_location:
         raise FileNotFoundError(f"no canonwrap checkpoint at {root}: expected {root / CONFIG_NAME} and {WEIGHTS_NAME}")
     raw = json.loads((root / CONFIG_NAME).read_text())
     cfg = WrapConfig.from_dict(raw)
+    for what, wanted, saved in (("group", group, cfg.group), ("canonicalizer", canonicalizer, cfg.canonicalizer)):
+        if wanted is not None and wanted.lower() != saved:
+            raise ValueError(f"checkpoint {root} has {what} {saved!r}; expected {wanted!r}")
     source = cfg.backbone.get("source")
     if source == "module":
         if backbone is None:

@@ -37,8 +37,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(a.out, group=a.group, canonicalizer=a.canonicalizer, epochs=a.epochs, export=not a.no_export,
-             progress=not a.quiet, n_train=a.n_train, n_test=a.n_test)
+    extra = {"epochs": a.epochs} if a.epochs is not None else {}
+    run_demo(a.out, group=a.group, canonicalizer=a.canonicalizer, export=not a.no_export,
+             progress=not a.quiet, n_train=a.n_train, n_test=a.n_test, **extra)
     return 0
 
 
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="canonwrap-demo", help="output directory")
     p.add_argument("--group", default="c8")
     p.add_argument("--canonicalizer", default="orbit")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=None, help="canonicalizer epochs (default: the demo recipe)")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training digits")
     p.add_argument("--n-test", type=int, default=None, help="use only the first N test digits")
     p.add_argument("--no-export", action="store_true")

@@ -96,13 +96,14 @@ def run_demo(
     out_dir: "str | Path" = "canonwrap-demo",
     group: str = "c8",
     canonicalizer: str = "orbit",
-    epochs: int = 8,
+    epochs: int = DEMO_FIT_KWARGS["epochs"],
     n_train: Optional[int] = None,
     n_test: Optional[int] = None,
     export: bool = True,
     plots: bool = True,
     progress: bool = True,
     seed: int = 0,
+    angle_step: int = 10,
     **fit_kwargs: Any,
 ) -> DemoResult:
     """Run the demo; returns the figures and writes them (JSON, PNG, ONNX) to ``out_dir``."""
@@ -121,10 +122,11 @@ def run_demo(
 
     model = cw.wrap(frozen, group=group, canonicalizer=canonicalizer, class_names=DIGIT_CLASSES)
     t0 = time.perf_counter()
-    history = cw.fit(model, train, epochs=epochs, progress=progress, seed=seed, **fit_kwargs)
+    recipe = {**DEMO_FIT_KWARGS, "epochs": epochs, **fit_kwargs}
+    history = cw.fit(model, train, progress=progress, seed=seed, **recipe)
     seconds["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = cw.evaluate(model, test, progress=progress)
+    report = cw.evaluate(model, test, angles=range(0, 360, angle_step), progress=progress)
     seconds["evaluate"] = time.perf_counter() - t0
     print(f"\n{len(test[1])} test digits; frozen = classifier trained on upright digits; "
           f"wrapped = frozen classifier behind a {group.upper()} {canonicalizer} canonicalizer\n")

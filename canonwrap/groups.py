@@ -181,13 +181,13 @@ def warp_tables(group: "str | Group", height: int, width: int) -> Tuple[Tensor, 
 def apply_warp(x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """Per-sample warp. x (B, C, H, W); index/weight (B, K, H*W) -> (B, C, H, W)."""
     b, c, h, w = x.shape
-    k = index.shape[1]
-    flat = x.reshape(b, c, 1, h * w).expand(b, c, k, h * w)  # (B, C, K, HW)
-    idx = index.unsqueeze(1).expand(b, c, k, h * w)  # (B, C, K, HW)
-    taps = torch.gather(flat, 3, idx)  # (B, C, K, HW)
-    if k == 1:
-        return taps.reshape(b, c, h, w)
-    out = (taps * weight.unsqueeze(1).to(taps.dtype)).sum(dim=2)  # (B, C, HW)
+    flat = x.reshape(b, c, h * w)  # (B, C, HW)
+    out = None
+    for t in range(index.shape[1]):  # K <= 4 taps, a static loop (no data-dependent control flow)
+        tap = torch.gather(flat, 2, index[:, t].unsqueeze(1).expand(b, c, h * w))  # (B, C, HW)
+        if index.shape[1] > 1:
+            tap = tap * weight[:, t].unsqueeze(1).to(tap.dtype)
+        out = tap if out is None else out + tap
     return out.reshape(b, c, h, w)
 
 
@@ -196,11 +196,12 @@ def apply_orbit(x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     b, c, h, w = x.shape
     g, k, _ = index.shape
     flat = x.reshape(b, c, h * w)
-    taps = flat[:, :, index]  # (B, C, G, K, HW)
-    if k == 1:
-        out = taps.squeeze(3)  # (B, C, G, HW)
-    else:
-        out = (taps * weight.to(taps.dtype)).sum(dim=3)  # (B, C, G, HW)
+    out = None
+    for t in range(k):  # static loop over <= 4 taps
+        tap = flat[:, :, index[:, t]]  # (B, C, G, HW)
+        if k > 1:
+            tap = tap * weight[:, t].to(tap.dtype)
+        out = tap if out is None else out + tap
     return out.permute(0, 2, 1, 3).reshape(b, g, c, h, w)
 
 

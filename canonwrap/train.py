@@ -203,7 +203,7 @@ def fit(
             sched.step()
             bs = x.shape[0]
             n_seen += bs
-            sums["loss"] = sums.get("loss", 0.0) + float(loss) * bs
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * bs
             for k, v in stats["terms"].items():
                 sums[f"{k}_loss"] = sums.get(f"{k}_loss", 0.0) + v * bs
             sums["orientation_acc"] = sums.get("orientation_acc", 0.0) + stats["orient"]

@@ -65,9 +65,10 @@ def pretrained_digit_classifier(progress: bool = True, retrain: bool = False, ep
     """The demo's frozen classifier, trained once and cached as safetensors."""
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha1(f"digitnet-v1-e{epochs}".encode()).hexdigest()[:10]
-    path = cache_dir() / f"digitnet-{key}.safetensors"
     model = DigitNet()
+    recipe = json.dumps({"arch": model.builtin_spec, "epochs": epochs, "recipe": "v1"}, sort_keys=True)
+    key = hashlib.sha1(recipe.encode()).hexdigest()[:10]  # architecture + recipe: no stale caches
+    path = cache_dir() / f"digitnet-{key}.safetensors"
     if path.exists() and not retrain:
         model.load_state_dict(load_file(str(path)))
         return model.eval()

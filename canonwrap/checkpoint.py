@@ -65,14 +65,14 @@ def load(
         if wanted is not None and wanted.lower() != saved:
             raise ValueError(f"checkpoint {root} has {what} {saved!r}; expected {wanted!r}")
     source = cfg.backbone.get("source")
-    if source == "module":
-        if backbone is None:
-            raise ValueError(
-                f"this checkpoint wrapped a plain nn.Module ({cfg.backbone.get('class')}); "
-                "pass load(path, backbone=<module of that architecture>)"
-            )
+    if backbone is not None:  # the caller's module (e.g. a checkpoint saved without backbone weights)
         spec: Any = backbone
         bb_kwargs: Dict[str, Any] = {}
+    elif source == "module":
+        raise ValueError(
+            f"this checkpoint wrapped a plain nn.Module ({cfg.backbone.get('class')}); "
+            "pass load(path, backbone=<module of that architecture>)"
+        )
     else:
         spec = f"{source}:{cfg.backbone['name']}"
         bb_kwargs = dict(cfg.backbone.get("kwargs", {}))
@@ -109,4 +109,4 @@ def load(
             f"shape mismatches {mismatched[:5]}"
         )
     model.load_state_dict(state, strict=False)
-    return model
+    return model.eval()

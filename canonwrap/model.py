@@ -89,6 +89,10 @@ class CanonicalizedModel(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
         self.undo = GroupWarp(self.group, h, w, inverse=True)  # undo(x, h) = h^-1 . x
+        # calibration temperature T (probabilities = softmax(logits / T)); saved in checkpoints, set by
+        # canonwrap.worstcase.calibrate_temperature. model(x) returns raw logits: only the uncertainty
+        # paths (evaluate(uncertainty=...), export_onnx(uncertainty=True)) apply it.
+        self.register_buffer("temperature", torch.ones(1))
         self.check_inputs = True
 
     # ------------------------------------------------------------------ properties / modes
@@ -237,7 +241,7 @@ def wrap(
         class_names=list(class_names) if class_names is not None else None,
         canonicalizer_config=canon.config,
     )
-    return CanonicalizedModel(bb, canon, config, head)
+    return CanonicalizedModel(bb, canon, config, head).eval()  # inference-ready; fit() switches modes itself
 
 
 def _probe_features(bb: Backbone, input_size: Sequence[int]) -> int:

@@ -117,7 +117,8 @@ def fit(
         from ._registry import unknown_name_message
 
         name = sorted(unknown)[0]
-        raise TypeError(unknown_name_message("fit argument", name, list(FitConfig.__dataclass_fields__) + ["epochs", "batch_size", "lr", "val_data", "device", "progress"]))
+        valid = set(FitConfig.__dataclass_fields__) | {"val_data", "device", "progress"}
+        raise TypeError(unknown_name_message("fit argument", name, sorted(valid)))
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, **kwargs)
     if cfg.augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}; got {cfg.augment!r}")

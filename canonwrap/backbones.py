@@ -101,7 +101,10 @@ def _timm(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = 
         raise FileNotFoundError(f"timm checkpoint_path does not exist: {checkpoint_path}")
     create_kwargs = dict(kwargs)
     if checkpoint_path is not None:  # local weights through timm's own pretrained loading path
-        create_kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_path))
+        overlay: Dict[str, Any] = dict(file=str(checkpoint_path))
+        if "num_classes" in kwargs:  # the file's classifier matches: keep it (timm drops "adapted" heads)
+            overlay["num_classes"] = kwargs["num_classes"]
+        create_kwargs["pretrained_cfg_overlay"] = overlay
         pretrained = True
     module = timm.create_model(name, pretrained=pretrained, **create_kwargs)
     pc = module.pretrained_cfg
@@ -175,9 +178,10 @@ def _hf_cfg(module: nn.Module, path: str, num_classes: int, num_features: int) -
     )
 
 
-def _hf_pool(outputs: Any) -> Tensor:
-    """(B, D) pooled features from a transformers base-model output."""
-    pooled = getattr(outputs, "pooler_output", None)
+def _hf_pool(outputs: Any, use_pooler: bool = True) -> Tensor:
+    """(B, D) pooled features from a transformers base-model output (the pooler only when its
+    weights were loaded, else the CLS token / spatial mean)."""
+    pooled = getattr(outputs, "pooler_output", None) if use_pooler else None
     if pooled is not None:
         return pooled.flatten(1)
     hidden = outputs.last_hidden_state
@@ -196,13 +200,15 @@ class HFClassifierBackbone(Backbone):
 
 
 class HFBaseBackbone(Backbone):
+    use_pooler: bool = True
+
     def logits(self, x: Tensor) -> Tensor:
         raise RuntimeError(
             "this Hugging Face backbone was loaded with AutoModel (no classifier); wrap it with num_classes=N"
         )
 
     def features(self, x: Tensor) -> Tensor:
-        return _hf_pool(self.module(pixel_values=x))
+        return _hf_pool(self.module(pixel_values=x), self.use_pooler)
 
 
 @SOURCES.register("hf")
@@ -221,10 +227,14 @@ def _hf_base(name: str, **kwargs: Any) -> Backbone:
     from transformers import AutoModel
 
     path = _hf_path(name)
-    module = AutoModel.from_pretrained(path, **kwargs)
+    module, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
     num_features = int(getattr(module.config, "hidden_size", 0) or getattr(module.config, "hidden_sizes", [0])[-1])
     cfg = _hf_cfg(module, path, 0, num_features)
-    return HFBaseBackbone(module, cfg, {"source": "hf-base", "name": name, "kwargs": kwargs})
+    bb = HFBaseBackbone(module, cfg, {"source": "hf-base", "name": name, "kwargs": kwargs})
+    # a classifier checkpoint loaded as AutoModel has no pooler weights: a fresh random pooler
+    # would make the features random, so fall back to the CLS token / spatial mean
+    bb.use_pooler = not any("pooler" in k for k in info.get("missing_keys", []))
+    return bb
 
 
 # ------------------------------------------------------------------------- plain nn.Modules
@@ -258,11 +268,14 @@ def from_module(
             f"got {input_size!r}"
         )
     chans = size[0]
+    num_classes = getattr(module, "num_classes", None)
+    if num_classes is None:  # e.g. torchvision classifiers: count the outputs with one dry run
+        num_classes = _probe_outputs(module, size)
     cfg = PretrainedCfg(
         mean=tuple(mean or pc.get("mean") or (0.0,) * chans),
         std=tuple(std or pc.get("std") or (1.0,) * chans),
         input_size=tuple(int(s) for s in size),
-        num_classes=int(getattr(module, "num_classes", 0) or 0),
+        num_classes=int(num_classes or 0),
         num_features=int(getattr(module, "num_features", 0) or 0),
     )
     cfg = _resolve_cfg(cfg, {})
@@ -270,6 +283,19 @@ def from_module(
     if spec is None and builtin is not None:
         spec = {"source": "canonwrap", **builtin}
     return ModuleBackbone(module, cfg, spec or {"source": "module", "class": type(module).__qualname__})
+
+
+def _probe_outputs(module: nn.Module, size: Sequence[int]) -> int:
+    """Width of a module's (B, K) output for one zero input (0 when it is not 2-D)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, *size))
+    finally:
+        module.train(was_training)
+    out = out.logits if hasattr(out, "logits") else out
+    return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() == 2 else 0
 
 
 @SOURCES.register("canonwrap")

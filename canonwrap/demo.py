@@ -81,7 +81,7 @@ def pretrained_digit_classifier(progress: bool = True, retrain: bool = False, ep
 
 # The demo's canonicalizer recipe (also used by the benchmarks, so every comparison uses it).
 DEMO_WRAP_KWARGS: Dict[str, Any] = {"group": "c8", "canonicalizer": "orbit"}
-DEMO_FIT_KWARGS: Dict[str, Any] = {"epochs": 8, "batch_size": 64, "lr": 1e-3, "augment": "group", "task_weight": 0.0}
+DEMO_FIT_KWARGS: Dict[str, Any] = {"epochs": 8, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "augment": "group", "task_weight": 0.0}
 
 
 @dataclass

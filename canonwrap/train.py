@@ -129,8 +129,7 @@ def fit(
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # augmentation; the global RNG is left alone
     loader = as_loader(data, cfg.batch_size, shuffle=True, seed=cfg.seed)
 
     params = list(model.canonicalizer.parameters())

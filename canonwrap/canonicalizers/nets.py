@@ -18,13 +18,21 @@ class SmallCNN(nn.Module):
     of an image and of its rotation differ, which is what the orbit canonicalizer needs.
     """
 
-    def __init__(self, in_chans: int = 3, width: int = 16, embed_dim: int = 128) -> None:
+    def __init__(self, in_chans: int = 3, width: int = 16, embed_dim: int = 128, size: int = 0) -> None:
         super().__init__()
+        side = size
+        for _ in range(3):
+            side = (side - 1) // 2 + 1  # three stride-2 convs
+        # a fixed pooling when the 4x4 map divides evenly (exports with every ONNX exporter);
+        # adaptive pooling otherwise
+        pool: nn.Module = nn.AdaptiveAvgPool2d(4)
+        if size > 0 and side % 4 == 0:
+            pool = nn.Identity() if side == 4 else nn.AvgPool2d(side // 4)
         self.body = nn.Sequential(
             conv_bn(in_chans, width, 2),
             conv_bn(width, 2 * width, 2),
             conv_bn(2 * width, 2 * width, 2),
-            nn.AdaptiveAvgPool2d(4),
+            pool,
         )
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, embed_dim), nn.ReLU(inplace=True))
         self.num_features = embed_dim

@@ -48,7 +48,7 @@ class OrbitCanonicalizer(Canonicalizer):
     ) -> None:
         super().__init__(group, in_chans, size)
         if network is None:
-            self.encoder: nn.Module = SmallCNN(in_chans, width, embed_dim)
+            self.encoder: nn.Module = SmallCNN(in_chans, width, embed_dim, size=size)
         elif isinstance(network, str):
             self.encoder = TimmEncoder(network.removeprefix("timm:"), in_chans)
         elif isinstance(network, nn.Module):

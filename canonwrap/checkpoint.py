@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
 from torch import nn
 
 from .model import CanonicalizedModel, WrapConfig, wrap
@@ -90,6 +91,7 @@ def load(
         backbone_kwargs=bb_kwargs,
     )
     state = load_file(str(root / WEIGHTS_NAME), device=map_location)
+    state.setdefault("temperature", torch.ones(1))  # checkpoints from before temperature scaling
     expected = model.state_dict()
     if not raw.get("includes_backbone", True):
         expected = {k: v for k, v in expected.items() if not k.startswith("backbone.")}

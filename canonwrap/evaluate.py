@@ -7,6 +7,7 @@ the angle sweep are bilinear (zeros outside).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -46,14 +47,31 @@ class Metrics:
 
 @dataclass
 class EvalReport:
+    """Accuracy under rotations (``wrapped``, ``frozen``) and, when requested, the worst-case and
+    uncertainty sections of :mod:`canonwrap.worstcase` as report-schema dicts (see
+    :mod:`canonwrap.report`): ``adversarial``, ``corruptions``, ``calibration``, ``uncertainty``
+    (the ``risk_coverage`` section); ``meta`` (temperature, ...); ``files`` written by ``report_dir``."""
+
     group: str
     elements: List[str]
     wrapped: Metrics
     frozen: Optional[Metrics] = None
     n: int = 0
+    adversarial: Optional[Dict[str, Any]] = None
+    corruptions: Optional[Dict[str, Any]] = None
+    calibration: Optional[Dict[str, Any]] = None
+    uncertainty: Optional[Dict[str, Any]] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+    files: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def to_report_dict(self, title: Optional[str] = None) -> Dict[str, Any]:
+        """The dict :func:`canonwrap.report.render_report` draws (schema at the top of report.py)."""
+        from .worstcase import report_dict
+
+        return report_dict(self, title)
 
     def table(self) -> str:
         """Printable comparison (percent)."""
@@ -66,6 +84,10 @@ class EvalReport:
             vals = [m.upright, m.group_avg.get("c4"), m.group_avg.get("c8"), m.group_avg.get(self.group),
                     m.angle_avg, m.angle_min, m.identity_rate]
             lines.append(f"{name:<9}" + "".join(f"{'-':>11}" if v is None else f"{100 * v:>10.2f}%" for v in vals))
+        if self.adversarial or self.corruptions or self.calibration or self.uncertainty:
+            from .worstcase import summary_lines
+
+            lines += [""] + summary_lines(self)
         return "\n".join(lines)
 
 
@@ -142,17 +164,49 @@ def evaluate(
     batch_size: int = 256,
     device: "str | torch.device | None" = None,
     progress: bool = False,
+    attacks: Any = None,
+    corruptions: Any = None,
+    uncertainty: Any = None,
+    calibration_data: Any = None,
+    report_dir: "str | Path | None" = None,
 ) -> EvalReport:
-    """Upright, per-element, group-averaged (C4, C8, model group) and angle-sweep accuracy.
+    """Upright, per-element, group-averaged (C4, C8, model group) and angle-sweep accuracy, and on
+    request the worst case and uncertainty (:mod:`canonwrap.worstcase`).
 
     Args:
         model: a wrapped model.
         data: labelled Dataset / DataLoader / (images, labels) tuple; pixels in [0, 1], upright.
         angles: angles (degrees) of the continuous sweep; ``None`` skips it.
         baseline: also evaluate the frozen backbone without canonicalization.
+        attacks: adversarial accuracy vs eps through the whole wrapped model: ``True`` (FGSM, PGD,
+            group attack), names (``["pgd", "group"]``), a dict of
+            :class:`~canonwrap.worstcase.AdversarialConfig` fields (``{"eps": [0, 0.05], "steps": 20}``)
+            or a config.
+        corruptions: accuracy by severity: ``True`` (all), names, a dict / :class:`~canonwrap.worstcase.CorruptionConfig`.
+        uncertainty: calibration (ECE / NLL / Brier, reliability bins) and error detection (AUROC,
+            accuracy at 90% coverage, risk-coverage) of each score: ``True``, score names, a dict /
+            :class:`~canonwrap.worstcase.UncertaintyConfig`. Inputs are randomly rotated by default.
+        calibration_data: labelled validation split: the temperature is fitted on it and STORED in
+            ``model.temperature`` (saved with the model, exported with ``uncertainty=True``);
+            implies ``uncertainty=True`` when that is not given.
+        report_dir: write ``report.json``, the PNG plots and a self-contained ``report.html`` there.
     Returns:
-        :class:`EvalReport` (``.table()`` prints it, ``.to_dict()`` serializes it).
+        :class:`EvalReport` (``.table()`` prints it, ``.to_dict()`` serializes it,
+        ``.to_report_dict()`` is what the HTML report draws).
+
+    Raises:
+        KeyError: unknown attack / corruption / score name (with the valid names).
+        ValueError, TypeError: bad options (e.g. coverage outside (0, 1]).
+
+    Example:
+        >>> rep = evaluate(model, test, attacks=True, corruptions=True, calibration_data=val, report_dir="runs/eval")
     """
+    from .worstcase import as_adversarial_config, as_corruption_config, as_uncertainty_config, resolve_scores
+
+    adv_cfg, cor_cfg = as_adversarial_config(attacks), as_corruption_config(corruptions)  # fail fast on bad names
+    unc_cfg = as_uncertainty_config(True if uncertainty is None and calibration_data is not None else uncertainty)
+    if unc_cfg is not None:
+        resolve_scores(model, unc_cfg)
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
@@ -178,4 +232,15 @@ def evaluate(
         bar.close()
         model.train(was_training)
     elements = [model.group.describe(e) for e in range(model.group.order)]
-    return EvalReport(model.group.name, elements, wrapped, frozen, n=int(y.shape[0]))
+    sections: Dict[str, Any] = {}
+    if adv_cfg is not None or cor_cfg is not None or unc_cfg is not None:
+        from .worstcase import evaluate_sections
+
+        sections = evaluate_sections(model, x, y, adv_cfg, cor_cfg, unc_cfg, calibration_data, batch_size)
+    report = EvalReport(model.group.name, elements, wrapped, frozen, n=int(y.shape[0]), **sections)
+    if report_dir is not None:
+        from .report import render_report
+
+        html = render_report(report.to_report_dict(), report_dir)
+        report.files = {"html": str(html), "json": str(html.parent / "report.json")}
+    return report

@@ -79,6 +79,11 @@ def export_onnx(
     exporter: str = "dynamo",
     example_batch: int = 2,
     metadata: Optional[Dict[str, str]] = None,
+    dtype: str = "fp32",
+    io_dtype: str = "fp32",
+    uncertainty: bool = False,
+    reject_threshold: Optional[float] = None,
+    reject_score: str = "entropy",
 ) -> ExportResult:
     """Export ``model`` (a :class:`canonwrap.CanonicalizedModel`) to ``path``.
 
@@ -89,6 +94,17 @@ def export_onnx(
             Python control flow).
         example_batch: batch of the example input (2: a batch of 1 would be specialized).
         metadata: extra ``metadata_props`` entries.
+        dtype: ``"fp32"`` or ``"fp16"`` (the fp32 export converted by :mod:`converters.fp16`: the
+            canonicalizer's selection path stays fp32); ``"bf16"`` raises ValueError with the reason.
+        io_dtype: with ``dtype="fp16"``, the graph's float inputs/outputs (``"fp32"`` or ``"fp16"``).
+        uncertainty: add the outputs ``probs`` (``softmax(logits / model.temperature)``), ``entropy``,
+            ``canon_margin`` and, for an ensemble head, ``ensemble_disagreement`` (see
+            :mod:`converters.uncertainty`); metadata ``temperature`` and ``reject_score``.
+        reject_threshold: with ``uncertainty=True``, the deployed reject threshold (e.g. from
+            :func:`converters.uncertainty.reject_threshold` on validation data), written to the
+            metadata with ``reject_rule``.
+        reject_score: the output the threshold applies to: ``entropy`` (default, reject above),
+            ``canon_margin`` (reject below) or ``ensemble_disagreement`` (reject above).
     Returns:
         :class:`ExportResult` with the metadata written into the file.
     """
@@ -98,6 +114,16 @@ def export_onnx(
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
     if opset < 18:
         raise ValueError(f"opset must be >= 18; got {opset}")
+    if reject_threshold is not None and not uncertainty:
+        raise ValueError("reject_threshold needs uncertainty=True (the graph must output the score it applies to)")
+    if uncertainty:
+        from .uncertainty import uncertainty_metadata
+
+        uncertainty_metadata(model, (), reject_threshold, reject_score)  # validate before the (slow) export
+    if dtype != "fp32":
+        from .fp16 import check_dtype
+
+        check_dtype(dtype, io_dtype, allowed=("fp32", "fp16"))  # fail before the (slow) export
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -105,7 +131,13 @@ def export_onnx(
     model.eval()
     model.check_inputs = False  # range checks are data dependent; shapes are fixed by the graph
     example = torch.rand(example_batch, *model.config.input_size, device=device)
-    module = _ExportModule(model).eval()
+    if uncertainty:
+        from .uncertainty import UncertaintyExportModule
+
+        module = UncertaintyExportModule(model).eval()
+    else:
+        module = _ExportModule(model).eval()
+    output_names = list(getattr(module, "output_names", OUTPUT_NAMES))
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
@@ -113,20 +145,22 @@ def export_onnx(
                 batch = torch.export.Dim("batch", min=1, max=65536)
                 torch.onnx.export(
                     module, (example,), str(path), dynamo=True, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                    input_names=[INPUT_NAME], output_names=output_names,
                     dynamic_shapes={"pixel_values": {0: batch}}, external_data=False, verbose=False,
                 )
             else:
                 torch.onnx.export(
                     module, (example,), str(path), dynamo=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+                    input_names=[INPUT_NAME], output_names=output_names,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
                 )
     finally:
         model.train(was_training)
         model.check_inputs = was_checking
     seconds = time.perf_counter() - t0
     meta = build_metadata(model, exporter, opset)
+    if uncertainty:
+        meta.update(uncertainty_metadata(model, tuple(output_names), reject_threshold, reject_score))
     meta.update(metadata or {})
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
@@ -135,6 +169,11 @@ def export_onnx(
         entry.key, entry.value = key, str(value)
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
+    if dtype != "fp32":
+        from .fp16 import convert_fp16_file
+
+        converted = convert_fp16_file(path, path, io_dtype=io_dtype)
+        meta.update({p.key: p.value for p in converted.model.metadata_props if p.key in ("dtype", "io_dtype", "fp16_fp32_nodes")})
     return ExportResult(str(path), exporter, opset, seconds, path.stat().st_size / 2**20, meta)
 
 

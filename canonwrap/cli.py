@@ -69,11 +69,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
     model = _load_ckpt(a.checkpoint, a.device)
     test = _load_data(a.data, "test", a.limit)
     angles = None if a.no_sweep else range(0, 360, a.angle_step)
-    report = cw.evaluate(model, test, angles=angles, baseline=not a.no_baseline, progress=not a.quiet)
+    def opt(values: Optional[List[str]]) -> Any:  # absent -> None, bare flag -> True, names -> list
+        return None if values is None else (values or True)
+
+    calibration = _load_data(a.data, "train", a.calibration_size) if a.uncertainty is not None else None
+    report = cw.evaluate(model, test, angles=angles, baseline=not a.no_baseline, progress=not a.quiet,
+                         attacks=opt(a.attacks), corruptions=opt(a.corruptions), uncertainty=opt(a.uncertainty),
+                         calibration_data=calibration, report_dir=a.report_dir)
     print(report.table())
     if a.json:
-        Path(a.json).write_text(json.dumps(report.to_dict(), indent=2))
+        Path(a.json).write_text(json.dumps(report.to_dict(), indent=2, default=float))
         print(f"wrote {a.json}")
+    if a.report_dir:
+        print(f"report: {Path(a.report_dir) / 'report.html'}")
     return 0
 
 
@@ -144,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--attacks", nargs="*", default=None, help="adversarial accuracy (bare flag: defaults; or names: fgsm pgd group)")
+    p.add_argument("--corruptions", nargs="*", default=None, help="corruption accuracy by severity (bare flag: all)")
+    p.add_argument("--uncertainty", nargs="*", default=None, help="calibration + error-detection scores (bare flag: defaults)")
+    p.add_argument("--calibration-size", type=int, default=1000, help="training images used to fit the temperature")
+    p.add_argument("--report-dir", default=None, help="write report.json + a self-contained report.html with plots")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -169,6 +169,7 @@ def evaluate(
     uncertainty: Any = None,
     calibration_data: Any = None,
     report_dir: "str | Path | None" = None,
+    rotations: Optional[Iterable[float]] = None,
 ) -> EvalReport:
     """Upright, per-element, group-averaged (C4, C8, model group) and angle-sweep accuracy, and on
     request the worst case and uncertainty (:mod:`canonwrap.worstcase`).
@@ -190,6 +191,7 @@ def evaluate(
             ``model.temperature`` (saved with the model, exported with ``uncertainty=True``);
             implies ``uncertainty=True`` when that is not given.
         report_dir: write ``report.json``, the PNG plots and a self-contained ``report.html`` there.
+        rotations: alias of ``angles``.
     Returns:
         :class:`EvalReport` (``.table()`` prints it, ``.to_dict()`` serializes it,
         ``.to_report_dict()`` is what the HTML report draws).
@@ -202,6 +204,9 @@ def evaluate(
         >>> rep = evaluate(model, test, attacks=True, corruptions=True, calibration_data=val, report_dir="runs/eval")
     """
     from .worstcase import as_adversarial_config, as_corruption_config, as_uncertainty_config, resolve_scores
+
+    if rotations is not None:
+        angles = rotations
 
     adv_cfg, cor_cfg = as_adversarial_config(attacks), as_corruption_config(corruptions)  # fail fast on bad names
     unc_cfg = as_uncertainty_config(True if uncertainty is None and calibration_data is not None else uncertainty)

@@ -35,6 +35,7 @@ class FitConfig:
     model_prior_temperature: float = 0.1
     contrastive_weight: float = 0.0
     augment: str = "group"
+    jitter: int = 0
     train_head: bool = True
     seed: int = 0
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -55,9 +56,24 @@ class History:
         return {"epochs": self.epochs, "config": self.config}
 
 
-def _augment(model: CanonicalizedModel, x: Tensor, mode: str, gen: torch.Generator) -> "tuple[Tensor, Tensor]":
-    """Random group element g per sample applied to upright x; returns (g . x, g)."""
+def _shift(x: Tensor, max_px: int, gen: torch.Generator) -> Tensor:
+    """Random integer translation per sample (zeros enter at the border). x (B, C, H, W)."""
+    b, _, h, w = x.shape
+    d = torch.randint(-max_px, max_px + 1, (b, 2), generator=gen).to(x.device).float()  # (B, 2) pixels
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = -2 * d[:, 0] / max(w - 1, 1)
+    theta[:, 1, 2] = -2 * d[:, 1] / max(h - 1, 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid.to(x.dtype), mode="nearest", padding_mode="zeros", align_corners=True)
+
+
+def _augment(model: CanonicalizedModel, x: Tensor, mode: str, gen: torch.Generator, jitter: int = 0) -> "tuple[Tensor, Tensor]":
+    """Random group element g per sample applied to upright x (after an optional random shift of
+    up to ``jitter`` pixels); returns (g . x, g)."""
     group = model.group
+    if jitter:
+        x = _shift(x, jitter, gen)
     g = torch.randint(group.order, (x.shape[0],), generator=gen).to(x.device)
     if mode == "none":
         return x, torch.zeros_like(g)
@@ -100,7 +116,7 @@ def fit(
             ``prior_weight`` (1.0) canonicalization prior; ``augment`` ("group") applies a random
             element g to each upright sample and supervises the canonicalizer with g
             ("continuous" adds a residual angle inside the element's cell, "none" = plain prior
-            towards identity); ``task_weight`` (default 1.0 when labels are present, else 0) the
+            towards identity); ``jitter`` (0) random shifts of up to that many pixels first; ``task_weight`` (default 1.0 when labels are present, else 0) the
             task loss through the frozen model via the straight-through argmax;
             ``model_prior_weight`` / ``model_prior_temperature`` the model-driven prior;
             ``contrastive_weight`` the orbit-contrastive loss (orbit canonicalizer only);
@@ -162,7 +178,7 @@ def fit(
             task_w = cfg.task_weight if cfg.task_weight is not None else (1.0 if y is not None else 0.0)
             if task_w and y is None:
                 raise ValueError("task_weight > 0 needs labelled data (image, label)")
-            xg, g = _augment(model, x, cfg.augment, gen)
+            xg, g = _augment(model, x, cfg.augment, gen, cfg.jitter)
             soft_target = None
             if cfg.model_prior_weight:
                 orbit = model.undo.orbit(xg)  # (B, G, C, H, W), entry k = k^-1 . xg

@@ -20,6 +20,7 @@ _EXPORTS = {
     "fit": "canonwrap.train",
     "FitConfig": "canonwrap.train",
     "History": "canonwrap.train",
+    "fit_head": "canonwrap.finetune",
     "evaluate": "canonwrap.evaluate",
     "EvalReport": "canonwrap.evaluate",
     "get_group": "canonwrap.groups",

@@ -100,9 +100,14 @@ def fit(
     val_data: Any = None,
     device: "str | torch.device | None" = None,
     progress: bool = True,
+    loss: Optional[str] = None,
     **kwargs: Any,
 ) -> History:
     """Train the canonicalizer (and the new head, if the model has one). The backbone is frozen.
+
+    With ``loss="pgd_at" | "trades" | "d2r"`` (or ``loss="ce", cache_features=True``) the new head
+    is trained by :func:`canonwrap.finetune.fit_head` instead (robust losses, cached features);
+    all other keyword arguments are passed on to it.
 
     Args:
         model: from :func:`canonwrap.wrap`.
@@ -128,6 +133,11 @@ def fit(
         History with one dict per epoch: losses, ``orientation_acc`` (the canonicalizer picked the
         applied element), ``task_acc``, ``seconds``, and validation accuracies if ``val_data``.
     """
+    if loss is not None and (loss != "ce" or "cache_features" in kwargs or "threat" in kwargs):
+        from .finetune import fit_head
+
+        return fit_head(model, data, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+                        val_data=val_data, device=device, progress=progress, **kwargs)
     unknown = set(kwargs) - set(FitConfig.__dataclass_fields__)
     if unknown:
         from ._registry import unknown_name_message

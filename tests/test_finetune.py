@@ -113,7 +113,7 @@ def test_precomputed_features_give_the_same_head():
 
 def test_extract_features_matches_model_pipeline():
     x, y = _data(20)
-    model = _model()
+    model = _model().train()
     feats, labels, elems = extract_features(model, (x, y), batch_size=8)
     assert model.training  # mode restored
     model.eval()

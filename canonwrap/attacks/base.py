@@ -8,6 +8,8 @@ has a ``.logits`` attribute that is used. For the feature-space threat model pas
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import math
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -201,7 +203,7 @@ def input_grad(loss_fn: Callable[[Tensor], Tensor], x_adv: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # base class
 # ----------------------------------------------------------------------------------------------
-class Attack:
+class Attack(abc.ABC):
     r"""Base class of attacks: ``attack(x, y) -> x_adv``.
 
     Subclasses implement :meth:`perturb`; ``__call__`` validates the inputs and runs ``perturb``
@@ -230,8 +232,9 @@ class Attack:
         with eval_mode(self.model):
             return self.perturb(x.detach(), y.detach()).detach()
 
+    @abc.abstractmethod
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The attack itself: x (B, ...) detached, y (B,) -> x_adv (B, ...)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "model")

@@ -53,6 +53,7 @@ def load_digits(n_test: int = 1000, pad: int = 2, seed: int = 0) -> DigitsSplit:
         train_idx.append(idx[per_class:])
     tr = torch.cat(train_idx)[torch.randperm(sum(len(i) for i in train_idx), generator=gen)]
     te = torch.cat(test_idx)
+    te = te[torch.randperm(len(te), generator=gen)]  # mixed classes in any prefix of the test set
     return DigitsSplit(x[tr], y[tr], x[te], y[te])
 
 

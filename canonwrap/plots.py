@@ -49,7 +49,7 @@ def plot_canonicalization(model: Any, images: torch.Tensor, path: "str | Path", 
     out = model.canonicalize(x.to(next(model.parameters()).device))
     model.train(was)
     n = x.shape[0]
-    fig = _figure(1.3 * n, 3.0)
+    fig = _figure(1.3 * n, 3.4)
     for i in range(n):
         for row, (img, title) in enumerate(
             ((x[i], f"in {angles[i]:.0f}°"), (out.images[i].cpu(), f"undo {model.group.describe(int(out.index[i]))}"))
@@ -57,7 +57,7 @@ def plot_canonicalization(model: Any, images: torch.Tensor, path: "str | Path", 
             ax = fig.add_subplot(2, n, row * n + i + 1)
             arr = img.permute(1, 2, 0).numpy()
             ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=7)
+            ax.set_title(title, fontsize=7, pad=2)
             ax.axis("off")
     fig.suptitle("inputs (top) and canonicalized (bottom)", fontsize=9)
     fig.tight_layout()

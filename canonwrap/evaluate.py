@@ -78,11 +78,13 @@ class EvalReport:
         rows: List[Tuple[str, Metrics]] = [("wrapped", self.wrapped)]
         if self.frozen is not None:
             rows.insert(0, ("frozen", self.frozen))
-        cols = ["upright", "C4-avg", "C8-avg", f"{self.group.upper()}-avg", "angle-avg", "angle-min", "identity"]
+        extra = self.group not in ("c4", "c8")  # d4 / d8: their own average as well
+        cols = ["upright", "C4-avg", "C8-avg"] + ([f"{self.group.upper()}-avg"] if extra else [])
+        cols += ["angle-avg", "angle-min", "identity"]
         lines = [f"{'model':<9}" + "".join(f"{c:>11}" for c in cols)]
         for name, m in rows:
-            vals = [m.upright, m.group_avg.get("c4"), m.group_avg.get("c8"), m.group_avg.get(self.group),
-                    m.angle_avg, m.angle_min, m.identity_rate]
+            vals = [m.upright, m.group_avg.get("c4"), m.group_avg.get("c8")]
+            vals += ([m.group_avg.get(self.group)] if extra else []) + [m.angle_avg, m.angle_min, m.identity_rate]
             lines.append(f"{name:<9}" + "".join(f"{'-':>11}" if v is None else f"{100 * v:>10.2f}%" for v in vals))
         if self.adversarial or self.corruptions or self.calibration or self.uncertainty:
             from .worstcase import summary_lines

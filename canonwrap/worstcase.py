@@ -176,19 +176,26 @@ def _names(value: Any, what: str) -> Tuple[str, ...]:
     return names
 
 
-def as_adversarial_config(spec: Any) -> Optional[AdversarialConfig]:
-    """``None``/``False`` -> None; ``True`` -> defaults; a name or list of names -> those attacks;
-    a dict -> :class:`AdversarialConfig` fields; a config is validated and returned."""
+def _coerce(spec: Any, cls: type, what: str, field_name: str) -> Any:
+    """``None``/``False`` -> None; ``True`` -> ``cls()``; a config -> a copy; a dict -> its fields;
+    a name or list of names -> ``cls(field_name=names)``. Validation is the caller's."""
     if spec is None or spec is False:
         return None
     if spec is True:
-        cfg = AdversarialConfig()
-    elif isinstance(spec, AdversarialConfig):
-        cfg = replace(spec)  # normalized copy; the caller's config is not modified
-    elif isinstance(spec, Mapping):
-        cfg = _from_mapping(AdversarialConfig, spec, "attacks")
-    else:
-        cfg = AdversarialConfig(attacks=_names(spec, "attacks"))
+        return cls()
+    if isinstance(spec, cls):
+        return replace(spec)  # normalized copy; the caller's config is not modified
+    if isinstance(spec, Mapping):
+        return _from_mapping(cls, spec, what)
+    return cls(**{field_name: _names(spec, what)})
+
+
+def as_adversarial_config(spec: Any) -> Optional[AdversarialConfig]:
+    """``None``/``False`` -> None; ``True`` -> defaults; a name or list of names -> those attacks;
+    a dict -> :class:`AdversarialConfig` fields; a config is validated and returned."""
+    cfg = _coerce(spec, AdversarialConfig, "attacks", "attacks")
+    if cfg is None:
+        return None
     from .attacks import ATTACKS
     from .attacks.base import check_eps, check_steps
 
@@ -218,16 +225,9 @@ def as_adversarial_config(spec: Any) -> Optional[AdversarialConfig]:
 
 def as_corruption_config(spec: Any) -> Optional[CorruptionConfig]:
     """``None``/``False`` -> None; ``True`` -> all corruptions; names / dict / config as for attacks."""
-    if spec is None or spec is False:
+    cfg = _coerce(spec, CorruptionConfig, "corruptions", "corruptions")
+    if cfg is None:
         return None
-    if spec is True:
-        cfg = CorruptionConfig()
-    elif isinstance(spec, CorruptionConfig):
-        cfg = replace(spec)  # normalized copy; the caller's config is not modified
-    elif isinstance(spec, Mapping):
-        cfg = _from_mapping(CorruptionConfig, spec, "corruptions")
-    else:
-        cfg = CorruptionConfig(corruptions=_names(spec, "corruptions"))
     from .corruptions import CORRUPTIONS, SEVERITIES, list_corruptions
 
     names = tuple(str(c).lower() for c in _names(cfg.corruptions, "corruptions")) or tuple(list_corruptions())
@@ -244,16 +244,9 @@ def as_corruption_config(spec: Any) -> Optional[CorruptionConfig]:
 def as_uncertainty_config(spec: Any) -> Optional[UncertaintyConfig]:
     """``None``/``False`` -> None; ``True`` -> defaults; a score name or list of names; a dict of
     :class:`UncertaintyConfig` fields; a config (validated)."""
-    if spec is None or spec is False:
+    cfg = _coerce(spec, UncertaintyConfig, "uncertainty scores", "scores")
+    if cfg is None:
         return None
-    if spec is True:
-        cfg = UncertaintyConfig()
-    elif isinstance(spec, UncertaintyConfig):
-        cfg = replace(spec)  # normalized copy; the caller's config is not modified
-    elif isinstance(spec, Mapping):
-        cfg = _from_mapping(UncertaintyConfig, spec, "uncertainty")
-    else:
-        cfg = UncertaintyConfig(scores=_names(spec, "uncertainty scores"))
     cfg.scores = tuple(str(s).lower() for s in _names(cfg.scores, "scores"))
     for name in cfg.scores:
         SCORES.get(name)

@@ -81,6 +81,8 @@ def pretrained_digit_classifier(progress: bool = True, retrain: bool = False, ep
 
 # The demo's canonicalizer recipe (also used by the benchmarks, so every comparison uses it).
 DEMO_WRAP_KWARGS: Dict[str, Any] = {"group": "c8", "canonicalizer": "orbit"}
+# A cheaper scorer (16x16 input, width 8): ~3.7x faster training, ~0.5-0.8 points lower accuracy.
+FAST_WRAP_KWARGS: Dict[str, Any] = {**DEMO_WRAP_KWARGS, "canon_size": 16, "canonicalizer_kwargs": {"width": 8}}
 DEMO_FIT_KWARGS: Dict[str, Any] = {"epochs": 8, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "augment": "group", "task_weight": 0.0}
 
 

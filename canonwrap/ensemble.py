@@ -154,26 +154,14 @@ def head_forward(model: Any, x_norm: Tensor) -> Tuple[Tensor, Optional[Tensor], 
     return logits, feats, members
 
 
-@torch.no_grad()
 def frozen_features(model: Any, data: Any, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
-    """Frozen backbone features of the canonicalized inputs: ``(features (N, D), labels (N,))`` on CPU."""
-    from .data import as_loader, split_batch
+    """Frozen backbone features of the canonicalized inputs: ``(features (N, D), labels (N,))`` on CPU.
 
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    feats, labels = [], []
-    try:
-        for batch in as_loader(data, batch_size, shuffle=False):
-            x, y = split_batch(batch)
-            if y is None:
-                raise ValueError("fit_ensemble needs labelled data: (image, label) pairs")
-            images = model.canonicalize(x.to(dev)).images  # (B, C, H, W)
-            feats.append(model.backbone.features(model.normalize(images)).float().cpu())  # (B, D)
-            labels.append(y.long().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    A thin view of :func:`canonwrap.finetune.extract_features` (no augmentation)."""
+    from .finetune import extract_features
+
+    feats, labels, _ = extract_features(model, data, batch_size)
+    return feats.float().cpu(), labels.long().cpu()
 
 
 def fit_ensemble(

@@ -173,7 +173,7 @@ def extract_features(
         for batch in as_loader(data, batch_size, shuffle=False):
             x, y = split_batch(batch)
             if y is None:
-                raise ValueError("fit_head needs labelled data: (image, label) pairs")
+                raise ValueError("feature extraction needs labelled data: (image, label) pairs")
             x = x.to(dev)
             xg, g = _augment(model, x, augment, gen)  # (B, C, H, W), (B,)
             images = model.canonicalize(xg).images  # (B, C, H, W)
@@ -181,7 +181,7 @@ def extract_features(
             labels.append(y.to(dev))
             elems.append(g)
     if not feats:
-        raise ValueError("fit_head got an empty dataset")
+        raise ValueError("feature extraction got an empty dataset")
     return torch.cat(feats), torch.cat(labels), torch.cat(elems)
 
 
@@ -635,7 +635,7 @@ def _pixel_batch(model: CanonicalizedModel, batch: Any, cfg: FitHeadConfig, gen:
     """(inputs the loss sees: pixels (B, C, H, W) or per-batch features (B, D), labels (B,), elements (B,))."""
     x, y = split_batch(batch)
     if y is None:
-        raise ValueError("fit_head needs labelled data: (image, label) pairs")
+        raise ValueError("feature extraction needs labelled data: (image, label) pairs")
     xg, g = _augment(model, x.to(dev), cfg.augment, gen)  # (B, C, H, W), (B,)
     if cfg.space == "features":  # feature threat without a cache: per-batch features
         with torch.no_grad(), eval_mode(model):
